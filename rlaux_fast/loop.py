@@ -327,6 +327,9 @@ class Trainer:
         if self.agent is not None:
             state["policy"] = self.agent.policy.state_dict()
             state["agent_optimizer"] = self.agent.optimizer.state_dict()
+            # The agent's sampling/shuffling generator and the reward-batch generator: exact resume needs both.
+            state["agent_generator"] = self.agent.generator.get_state()
+            state["reward_generator"] = self.reward_generator.get_state()
         return state
 
     def load_state_dict(self, state: dict):
@@ -337,3 +340,5 @@ class Trainer:
         if self.agent is not None:
             self.agent.policy.load_state_dict(state["policy"])
             self.agent.optimizer.load_state_dict(state["agent_optimizer"])
+            self.agent.generator.set_state(state["agent_generator"])
+            self.reward_generator.set_state(state["reward_generator"])

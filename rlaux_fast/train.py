@@ -1,20 +1,88 @@
-"""`python -m rlaux_fast.train`: train a network with RL-AUX or a baseline, writing a run folder."""
+"""`python -m rlaux_fast.train`: train a network with RL-AUX or a baseline, writing a run folder.
+
+A run folder holds config.json, metrics.jsonl (one record per epoch), usage.json (the last epoch's
+auxiliary-label usage), summary.json and checkpoint.pt. The checkpoint is written atomically at the
+end of every epoch and holds everything needed to continue bit for bit: `--resume RUN_DIR`.
+"""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
 import json
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from . import checkpoint
-from .config import Config, parse_config
-from .data import load_dataset
+from .config import Config, build_parser, parse_config, resolve
 from .errors import UserError
-from .loop import Trainer, resolve_device
 
+# torch and everything built on it are imported inside `run`: flag errors and --help answer at once
+# instead of after the 2-3 s it takes to import torch.
+
+# Settings that may change when a run is resumed; every other setting must match the saved run.
+RESUMABLE = ("epochs", "resume", "out", "progress", "tensorboard", "device")
+# Per-epoch fields that measure time, not training: they legitimately differ between two runs.
+TIMING_FIELDS = ("rl_seconds", "main_seconds", "epoch_seconds", "images_per_s")
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package, which is not installed: "
+                       "pip install tensorboard, or drop --tensorboard")
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopOnSignal:
+    """Turns SIGINT/SIGTERM into `Interrupted`, except inside `deferred()`, where the signal waits
+    until the block is done (so a checkpoint and its metrics line are written together or not at all)."""
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.defer = False
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNAL_NAMES:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.defer:
+            self.pending = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.defer = True
+        try:
+            yield
+        finally:
+            self.defer = False
+        if self.pending is not None:
+            raise Interrupted(self.pending)
+
+
+# ---- the run folder ------------------------------------------------------------------------------------
 
 def default_out(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -27,9 +95,77 @@ def prepare_run_dir(path: Path) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to run folder {path} ({e.strerror}): pass a writable --out") from None
+        raise UserError(f"cannot write to run folder {path} ({e.strerror or type(e).__name__}): pass a writable --out") from None
     return path
 
+
+def write_text(path: Path, text: str) -> None:
+    from . import checkpoint
+
+    try:
+        checkpoint.atomic_write_text(path, text)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__}): check the disk and the folder's permissions") from None
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The Config a run folder was made with (its config.json)."""
+    path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"--resume {run_dir}: no such run folder")
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--resume {run_dir}: no config.json there, so it is not a run folder") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume {run_dir}: config.json is unreadable ({type(e).__name__}): start a new run") from None
+    names = {f.name for f in dataclasses.fields(Config)}
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {run_dir}: config.json does not hold a configuration: start a new run")
+    return resolve(Config(**{k: v for k, v in saved.items() if k in names}))
+
+
+def flag(name: str, value) -> str:
+    option = "--" + name.replace("_", "-")
+    if value is None:
+        return f"no {option}"
+    if isinstance(value, bool):
+        return option if value else "--no-" + name.replace("_", "-")
+    return f"{option} {value}"
+
+
+def check_resumable(saved: Config, cfg: Config, run_dir: Path) -> None:
+    """Refuse to continue a run with settings that differ from the ones it was made with."""
+    diffs = [f.name for f in dataclasses.fields(Config)
+             if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if diffs:
+        made = " ".join(flag(n, getattr(saved, n)) for n in diffs)
+        asked = " ".join(flag(n, getattr(cfg, n)) for n in diffs)
+        raise UserError(f"--resume {run_dir}: the run was made with {made}, not {asked}: "
+                        "drop the conflicting flags, or start a new run in another --out")
+    if cfg.out is not None and Path(cfg.out).resolve() != Path(run_dir).resolve():
+        raise UserError(f"--out {cfg.out} conflicts with --resume {run_dir}: a resumed run stays in its folder; drop --out")
+
+
+def explicit_flags(argv: list[str] | None) -> dict:
+    """The settings given on the command line (not defaulted), parsed to their values."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def resume_config(run_dir: str, given: dict) -> Config:
+    """The saved config of `run_dir`, with the flags given now on top (checked later in `run`)."""
+    saved = read_run_config(Path(run_dir))
+    return resolve(dataclasses.replace(saved, **given, resume=run_dir))
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python -m rlaux_fast.train --resume {shlex.quote(str(run_dir))}"
+
+
+# ---- logging -------------------------------------------------------------------------------------------
 
 def format_epoch(record: dict, epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}",
@@ -44,44 +180,157 @@ def format_epoch(record: dict, epochs: int) -> str:
     return " | ".join(parts)
 
 
+def open_tensorboard(run_dir: Path):
+    """A SummaryWriter in RUN_DIR/tensorboard; a clear error when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(TENSORBOARD_MISSING) from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def log_scalars(writer, record: dict) -> None:
+    """One TensorBoard scalar per numeric field of an epoch record, at step = epoch."""
+    for name, value in record.items():
+        if name != "epoch" and isinstance(value, (int, float)):
+            writer.add_scalar(name, value, record["epoch"])
+    writer.flush()
+
+
+def summarize(history: list[dict], wall: float) -> dict:
+    images = sum(r["images_per_s"] * r["epoch_seconds"] for r in history)
+    return {"final_test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
+            "epochs": len(history), "wall_seconds": wall, "images_per_s": images / max(wall, 1e-9)}
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
 def run(cfg: Config, log=print) -> dict:
+    """Train (or continue, with cfg.resume) one run; returns its summary. Raises UserError on bad input
+    and Interrupted (with the resume command in its message) on SIGINT/SIGTERM."""
+    with StopOnSignal() as stop:
+        return _run(cfg, log, stop)
+
+
+def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
+    # Checks that need no torch come first, so that they answer at once.
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        check_resumable(read_run_config(run_dir), cfg, run_dir)
+        prepare_run_dir(run_dir)
+    elif cfg.out and (Path(cfg.out) / "checkpoint.pt").exists():
+        raise UserError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out}, or pass another --out")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(TENSORBOARD_MISSING)
+
+    from tqdm import tqdm
+
+    from . import checkpoint
+    from .data import load_dataset
+    from .loop import NonFiniteError, Trainer, resolve_device
+
     device = resolve_device(cfg.device)
-    run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_out(cfg))
+    state = None
+    if cfg.resume:
+        checkpoint.remove_stale_temps(run_dir)
+        state = checkpoint.load(run_dir / checkpoint.CHECKPOINT)
+        if state["device"] != device.type:
+            raise UserError(f"--resume {run_dir}: the run was made on {state['device']}, this one is on {device.type}: "
+                            f"pass --device {state['device']} (random states do not carry across devices)")
+        if cfg.epochs < state["epoch"]:
+            raise UserError(f"--epochs {cfg.epochs} is fewer than the {state['epoch']} epochs {run_dir} has already "
+                            "done: pass a larger --epochs, or none")
+    else:
+        run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_out(cfg))
+    writer = open_tensorboard(run_dir) if cfg.tensorboard else None
+
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, psi=cfg.psi, download=cfg.download, flat=cfg.flat,
                         image_size=cfg.image_size, seed=cfg.seed, limit=cfg.subset)
     progress = (lambda it, **kw: tqdm(it, leave=False, dynamic_ncols=True, **kw)) if cfg.progress else None
     trainer = Trainer(cfg, data, device, progress=progress)
-    (run_dir / "config.json").write_text(cfg.to_json())
-    log(f"run folder {run_dir} | {cfg.dataset} ({len(data.train.primary)} train, {len(data.test.primary)} test) | "
+    history: list[dict] = []
+    wall_before, done = 0.0, 0
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        checkpoint.restore_rng(state["rng"])
+        history, wall_before, done = list(state["history"]), state["wall_seconds"], state["epoch"]
+        # What the checkpoint holds is the truth: a metrics line or usage.json written after it is dropped.
+        write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        if state.get("usage") is not None:
+            write_text(run_dir / "usage.json", json.dumps(state["usage"]))
+    else:
+        write_text(run_dir / "metrics.jsonl", "")
+    write_text(run_dir / "config.json", cfg.to_json())
+    ckpt_path = run_dir / checkpoint.CHECKPOINT
+    verb = f"resuming after epoch {done}" if state is not None else "run folder"
+    log(f"{verb} {run_dir} | {cfg.dataset} ({len(data.train.primary)} train, {len(data.test.primary)} test) | "
         f"method {cfg.method} | device {device}")
 
-    history: list[dict] = []
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        record = trainer.run_epoch(epoch)
-        history.append(record)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        (run_dir / "usage.json").write_text(json.dumps(trainer.last_usage))
-        checkpoint.atomic_save({"epoch": epoch + 1, "trainer": trainer.state_dict(), "history": history},
-                               run_dir / checkpoint.CHECKPOINT)
-        log(format_epoch(record, cfg.epochs))
-    wall = time.perf_counter() - start
-    images = sum(r["images_per_s"] * r["epoch_seconds"] for r in history)
-    summary = {"final_test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
-               "epochs": len(history), "wall_seconds": wall, "images_per_s": images / max(wall, 1e-9)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    epoch = done
+    try:
+        for epoch in range(done, cfg.epochs):
+            record = trainer.run_epoch(epoch)
+            history.append(record)
+            wall = wall_before + time.perf_counter() - start
+            with stop.deferred():  # the checkpoint, then the files that describe it
+                checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": epoch + 1, "device": device.type,
+                                        "trainer": trainer.state_dict(), "rng": checkpoint.capture_rng(),
+                                        "history": history, "usage": trainer.last_usage, "wall_seconds": wall},
+                                       ckpt_path)
+                done = epoch + 1
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                write_text(run_dir / "usage.json", json.dumps(trainer.last_usage))
+            if writer is not None:
+                log_scalars(writer, record)
+            log(format_epoch(record, cfg.epochs))
+    except Interrupted as e:
+        name = SIGNAL_NAMES.get(e.signum, f"signal {e.signum}")
+        if done:
+            where = (f"the checkpoint of epoch {done} in {ckpt_path} is intact; resume with: {resume_command(run_dir)}")
+        else:
+            where = "no epoch had finished, so there is no checkpoint: run the same command again"
+        raise Interrupted(e.signum, f"interrupted by {name} during epoch {epoch + 1}: {where}") from None
+    except NonFiniteError as e:
+        kept = f"{ckpt_path}, epoch {done}" if done else "none yet: no epoch had finished"
+        raise NonFiniteError(f"{e} ({kept})") from None
+    except OSError as e:
+        raise UserError(f"cannot write to run folder {run_dir} ({e.strerror or type(e).__name__}): "
+                        f"the last complete checkpoint is kept; free space, then {resume_command(run_dir)}") from None
+    finally:
+        if writer is not None:
+            writer.close()
+
+    wall = wall_before + time.perf_counter() - start
+    if not history:
+        raise UserError(f"{run_dir} has no finished epoch to summarise")
+    summary = summarize(history, wall)
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"done: final test acc {100 * summary['final_test_acc']:.2f}% (best {100 * summary['best_test_acc']:.2f}%, "
         f"reported only; the final model is kept) | {wall:.1f} s | results in {run_dir}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
     try:
-        run(parse_config(argv))
+        with StopOnSignal():
+            cfg = parse_config(argv)
+            if cfg.resume:
+                given = {k: v for k, v in explicit_flags(argv).items() if k != "resume"}
+                cfg = resume_config(cfg.resume, given)
+            run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e.message or f"interrupted by {SIGNAL_NAMES.get(e.signum, e.signum)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a Ctrl-C outside the handlers (for example while Python starts)
+        print("interrupted by SIGINT", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -44,8 +44,8 @@ def sample_actions(logits: torch.Tensor, head_sizes: tuple[int, ...], action_mas
         if deterministic:
             choice = head_logp.argmax(dim=1)
         else:
-            u = torch.rand(head_logp.shape, device=head_logp.device, generator=generator)
-            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+            u = torch.rand(head_logp.shape, device=head_logp.device, generator=generator).clamp_min(1e-20)
+            gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))
             choice = (head_logp + gumbel).argmax(dim=1)
         actions.append(choice)
         logprob = logprob + head_logp.gather(1, choice[:, None]).squeeze(1)
