@@ -197,6 +197,19 @@ def log_scalars(writer, record: dict) -> None:
     writer.flush()
 
 
+def describe_hierarchy(data) -> dict:
+    """What usage.json needs besides the counts to be read alone: the blocks (psi) and, with fine
+    labels, each fine class's primary class (for the report's per-class mutual information)."""
+    meta = {"psi": list(data.hierarchy.psi), "fine_to_primary": None}
+    fine, primary = data.train.fine, data.train.primary
+    if fine is not None:
+        f2p = [-1] * (int(fine.max()) + 1)
+        for f, p in zip(fine.tolist(), primary.tolist()):
+            f2p[f] = p
+        meta["fine_to_primary"] = f2p
+    return meta
+
+
 def summarize(history: list[dict], wall: float) -> dict:
     images = sum(r["images_per_s"] * r["epoch_seconds"] for r in history)
     return {"final_test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
@@ -248,6 +261,7 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
                         image_size=cfg.image_size, seed=cfg.seed, limit=cfg.subset)
     progress = (lambda it, **kw: tqdm(it, leave=False, dynamic_ncols=True, **kw)) if cfg.progress else None
     trainer = Trainer(cfg, data, device, progress=progress)
+    usage_meta = describe_hierarchy(data)
     history: list[dict] = []
     wall_before, done = 0.0, 0
     if state is not None:
@@ -273,15 +287,16 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
             record = trainer.run_epoch(epoch)
             history.append(record)
             wall = wall_before + time.perf_counter() - start
+            usage = {**trainer.last_usage, **usage_meta}
             with stop.deferred():  # the checkpoint, then the files that describe it
                 checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": epoch + 1, "device": device.type,
                                         "trainer": trainer.state_dict(), "rng": checkpoint.capture_rng(),
-                                        "history": history, "usage": trainer.last_usage, "wall_seconds": wall},
+                                        "history": history, "usage": usage, "wall_seconds": wall},
                                        ckpt_path)
                 done = epoch + 1
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                write_text(run_dir / "usage.json", json.dumps(trainer.last_usage))
+                write_text(run_dir / "usage.json", json.dumps(usage))
             if writer is not None:
                 log_scalars(writer, record)
             log(format_epoch(record, cfg.epochs))
