@@ -83,6 +83,8 @@ class Trainer:
         self.block_start = h.block_start.to(device)
         self.block_size = h.block_size.to(device)
         self.fine_to_aux = data.fine_to_aux.to(device) if data.fine_to_aux is not None else None
+        # Row c: the auxiliary classes of primary class c; a batch's mask is one gather, on the device.
+        self.block_masks = h.block_mask(torch.arange(h.num_primary)).to(device)
         if len(data.train.primary) < cfg.batch_size:
             raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train.primary)} training examples: lower --batch-size")
 
@@ -127,9 +129,6 @@ class Trainer:
             gamma=self.cfg.focal_gamma, soft_target=self.cfg.aux_target == "soft",
             backend=None if self.cfg.kernels == "auto" else self.cfg.kernels)
 
-    def block_mask(self, primary: torch.Tensor) -> torch.Tensor:
-        return self.hierarchy.block_mask(primary)
-
     def choose_aux(self, batch, features: torch.Tensor, deterministic: bool):
         """The method's auxiliary labels and per-example weights for a batch (and the agent's step)."""
         cfg, n = self.cfg, batch.primary.shape[0]
@@ -141,7 +140,7 @@ class Trainer:
         if cfg.method == "random":
             return self.random_labels[batch.index], constant, None
         obs = features.detach() if cfg.policy_backbone == "shared" else batch.images
-        step = self.agent.act(obs, self.block_mask(batch.primary), deterministic)
+        step = self.agent.act(obs, self.block_masks[batch.primary], deterministic)
         labels = step.actions[:, 0]
         weights = weight_factor(step.actions[:, 1]) if cfg.method == "rlaux-weights" else constant
         return labels, weights, step
