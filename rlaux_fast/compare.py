@@ -70,7 +70,8 @@ def finished(cfg: Config) -> dict | None:
     run_dir = Path(cfg.out)
     if not (run_dir / "checkpoint.pt").exists():
         return None
-    check_resumable(read_run_config(run_dir), cfg, run_dir)
+    check_resumable(read_run_config(run_dir), cfg, run_dir,
+                    fix="give compare the flags of the runs already there, or another --out")
     summary = read_json(run_dir / "summary.json", required=False)
     return summary if summary and summary.get("epochs") == cfg.epochs else None
 
@@ -117,7 +118,7 @@ def write_results(out: Path, results: dict, command: str, cfg: Config, seeds: in
     lines = [f"# Method comparison on {cfg.dataset}", "",
              f"- Command: `{command}`",
              f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}",
-             f"- {cfg.epochs} epochs, seeds 0..{seeds - 1} ({seeds} per method); {settings}",
+             f"- {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, seeds 0..{seeds - 1} ({seeds} per method); {settings}",
              "- Test accuracy of the final model (mean ± sample std over seeds); the best epoch is shown for "
              "reference only, the test set picks nothing. Wall time is per run.", "",
              "| method | final test acc (%) | best test acc (%) | per seed (%) | wall time (s) | images/s |",
@@ -138,6 +139,8 @@ def write_results(out: Path, results: dict, command: str, cfg: Config, seeds: in
 def plot_accuracy(out: Path, results: dict, dataset: str) -> Path:
     from .report import _pyplot
 
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, r in results.items():
@@ -147,9 +150,10 @@ def plot_accuracy(out: Path, results: dict, dataset: str) -> Path:
         mean = [100 * m for m, _ in stats]
         ax.plot(epochs, mean, marker="o", markersize=3, label=method)
         if all(s is not None for _, s in stats):
-            ax.fill_between(epochs, [100 * (m - s) for m, s in stats], [100 * (m + s) for m, s in stats], alpha=0.2)
+            ax.fill_between(epochs, [100 * (m - s) for m, s in stats], [100 * (m + s) for m, s in stats], alpha=0.15)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{dataset}: mean over seeds, band ±1 std")
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     path = out / "accuracy.png"

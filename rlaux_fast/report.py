@@ -11,6 +11,7 @@ Reads only the run folder's JSON files (config.json, metrics.jsonl, usage.json, 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -131,6 +132,8 @@ def _pyplot():
 
 def plot_curves(records: list[dict], path: Path) -> None:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in records]
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
     acc.plot(epochs, [100 * r["test_acc"] for r in records], marker="o")
@@ -141,6 +144,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
     loss.legend()
     for ax in (acc, loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -151,6 +155,8 @@ def plot_agent(records: list[dict], path: Path) -> bool:
     if "reward" not in present:
         return False
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     cols = 3
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
@@ -159,6 +165,7 @@ def plot_agent(records: list[dict], path: Path) -> bool:
         ax.plot(*zip(*points), marker="o")
         ax.set(xlabel="epoch", title=name.replace("ppo_", "PPO ").replace("_", " "))
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
     fig.tight_layout()
@@ -268,8 +275,10 @@ def make_report(run_dir: Path, out: Path | None = None, tensorboard: bool = Fals
     if summary and summary.get("epochs") != len(records):
         summary = None  # a summary from before a resume that has not finished yet
     if tensorboard:
-        from .train import log_scalars, open_tensorboard
+        from .train import TENSORBOARD_MISSING, log_scalars, open_tensorboard
 
+        if importlib.util.find_spec("tensorboard") is None:  # before torch's 2-3 s import
+            raise UserError(TENSORBOARD_MISSING)
         writer = open_tensorboard(run_dir)
         for r in records:
             log_scalars(writer, r)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import os
 import shlex
 import signal
 import sys
@@ -27,10 +28,16 @@ from .errors import UserError
 # Settings that may change when a run is resumed; every other setting must match the saved run.
 RESUMABLE = ("epochs", "resume", "out", "progress", "tensorboard", "device")
 # Per-epoch fields that measure time, not training: they legitimately differ between two runs.
-TIMING_FIELDS = ("rl_seconds", "main_seconds", "epoch_seconds", "images_per_s")
+TIMING_FIELDS = ("rl_seconds", "main_seconds", "epoch_seconds", "images_per_s", "compile_seconds")
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package, which is not installed: "
                        "pip install tensorboard, or drop --tensorboard")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK is set before torch starts), or the only process: the one that
+    prints and writes the run folder; the other processes train and stay silent."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class Interrupted(BaseException):
@@ -102,6 +109,8 @@ def prepare_run_dir(path: Path) -> Path:
 def write_text(path: Path, text: str) -> None:
     from . import checkpoint
 
+    if not is_main_process():
+        return
     try:
         checkpoint.atomic_write_text(path, text)
     except OSError as e:
@@ -134,15 +143,15 @@ def flag(name: str, value) -> str:
     return f"{option} {value}"
 
 
-def check_resumable(saved: Config, cfg: Config, run_dir: Path) -> None:
+def check_resumable(saved: Config, cfg: Config, run_dir: Path,
+                    fix: str = "drop the conflicting flags, or start a new run in another --out") -> None:
     """Refuse to continue a run with settings that differ from the ones it was made with."""
     diffs = [f.name for f in dataclasses.fields(Config)
              if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(cfg, f.name)]
     if diffs:
         made = " ".join(flag(n, getattr(saved, n)) for n in diffs)
         asked = " ".join(flag(n, getattr(cfg, n)) for n in diffs)
-        raise UserError(f"--resume {run_dir}: the run was made with {made}, not {asked}: "
-                        "drop the conflicting flags, or start a new run in another --out")
+        raise UserError(f"--resume {run_dir}: the run was made with {made}, not {asked}: {fix}")
     if cfg.out is not None and Path(cfg.out).resolve() != Path(run_dir).resolve():
         raise UserError(f"--out {cfg.out} conflicts with --resume {run_dir}: a resumed run stays in its folder; drop --out")
 
@@ -158,7 +167,8 @@ def explicit_flags(argv: list[str] | None) -> dict:
 def resume_config(run_dir: str, given: dict) -> Config:
     """The saved config of `run_dir`, with the flags given now on top (checked later in `run`)."""
     saved = read_run_config(Path(run_dir))
-    return resolve(dataclasses.replace(saved, **given, resume=run_dir))
+    # The saved --out may be relative to another working directory: the folder is the one named by --resume.
+    return resolve(dataclasses.replace(saved, **{"out": None, **given}, resume=run_dir))
 
 
 def resume_command(run_dir: Path) -> str:
@@ -230,7 +240,8 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
     if cfg.resume:
         run_dir = Path(cfg.resume)
         check_resumable(read_run_config(run_dir), cfg, run_dir)
-        prepare_run_dir(run_dir)
+        if is_main_process():
+            prepare_run_dir(run_dir)
     elif cfg.out and (Path(cfg.out) / "checkpoint.pt").exists():
         raise UserError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out}, or pass another --out")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -240,12 +251,16 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
 
     from . import checkpoint
     from .data import load_dataset
+    from . import distributed
     from .loop import NonFiniteError, Trainer, resolve_device
 
-    device = resolve_device(cfg.device)
+    if not is_main_process():
+        log = lambda *args, **kwargs: None  # noqa: E731
+    device = distributed.init(resolve_device(cfg.device))  # joins torchrun's processes, if any
     state = None
     if cfg.resume:
-        checkpoint.remove_stale_temps(run_dir)
+        if is_main_process():
+            checkpoint.remove_stale_temps(run_dir)
         state = checkpoint.load(run_dir / checkpoint.CHECKPOINT)
         if state["device"] != device.type:
             raise UserError(f"--resume {run_dir}: the run was made on {state['device']}, this one is on {device.type}: "
@@ -254,12 +269,15 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
             raise UserError(f"--epochs {cfg.epochs} is fewer than the {state['epoch']} epochs {run_dir} has already "
                             "done: pass a larger --epochs, or none")
     else:
-        run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_out(cfg))
-    writer = open_tensorboard(run_dir) if cfg.tensorboard else None
+        run_dir = Path(cfg.out) if cfg.out else default_out(cfg)
+        if is_main_process():
+            prepare_run_dir(run_dir)
+    writer = open_tensorboard(run_dir) if cfg.tensorboard and is_main_process() else None
 
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, psi=cfg.psi, download=cfg.download, flat=cfg.flat,
                         image_size=cfg.image_size, seed=cfg.seed, limit=cfg.subset)
-    progress = (lambda it, **kw: tqdm(it, leave=False, dynamic_ncols=True, **kw)) if cfg.progress else None
+    show_progress = cfg.progress and is_main_process()
+    progress = (lambda it, **kw: tqdm(it, leave=False, dynamic_ncols=True, **kw)) if show_progress else None
     trainer = Trainer(cfg, data, device, progress=progress)
     usage_meta = describe_hierarchy(data)
     history: list[dict] = []
@@ -274,7 +292,7 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
             write_text(run_dir / "usage.json", json.dumps(state["usage"]))
     else:
         write_text(run_dir / "metrics.jsonl", "")
-    write_text(run_dir / "config.json", cfg.to_json())
+    write_text(run_dir / "config.json", dataclasses.replace(cfg, out=str(run_dir), resume=None).to_json())
     ckpt_path = run_dir / checkpoint.CHECKPOINT
     verb = f"resuming after epoch {done}" if state is not None else "run folder"
     log(f"{verb} {run_dir} | {cfg.dataset} ({len(data.train.primary)} train, {len(data.test.primary)} test) | "
@@ -288,18 +306,23 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
             history.append(record)
             wall = wall_before + time.perf_counter() - start
             usage = {**trainer.last_usage, **usage_meta}
+            trainer_state = trainer.state_dict()  # on every process: it gathers each one's random streams
             with stop.deferred():  # the checkpoint, then the files that describe it
-                checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": epoch + 1, "device": device.type,
-                                        "trainer": trainer.state_dict(), "rng": checkpoint.capture_rng(),
-                                        "history": history, "usage": usage, "wall_seconds": wall},
-                                       ckpt_path)
+                if is_main_process():
+                    checkpoint.atomic_save({"format": checkpoint.FORMAT, "epoch": epoch + 1, "device": device.type,
+                                            "trainer": trainer_state, "rng": checkpoint.capture_rng(),
+                                            "history": history, "usage": usage, "wall_seconds": wall},
+                                           ckpt_path)
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 done = epoch + 1
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
                 write_text(run_dir / "usage.json", json.dumps(usage))
             if writer is not None:
                 log_scalars(writer, record)
             log(format_epoch(record, cfg.epochs))
+            if record.get("compile_seconds"):  # its own line: compile time is not in the img/s above
+                log(f"compile: {record['compile_seconds']:.1f} s in epoch {record['epoch']} (torch.compile"
+                    f"{' and CUDA graph recording' if cfg.cuda_graphs else ''}; not counted in img/s)")
     except Interrupted as e:
         name = SIGNAL_NAMES.get(e.signum, f"signal {e.signum}")
         if done:
@@ -337,16 +360,52 @@ def main(argv: list[str] | None = None) -> int:
                 given = {k: v for k, v in explicit_flags(argv).items() if k != "resume"}
                 cfg = resume_config(cfg.resume, given)
             run(cfg)
+            _leave_process_group()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2, e)
     except Interrupted as e:
-        print(e.message or f"interrupted by {SIGNAL_NAMES.get(e.signum, e.signum)}", file=sys.stderr)
-        return e.exit_code
+        return _fail(e.message or f"interrupted by {SIGNAL_NAMES.get(e.signum, e.signum)}", e.exit_code)
+    except Exception as e:
+        if not _in_process_group():
+            raise
+        import traceback
+
+        return _fail(traceback.format_exc().rstrip(), 1, e)
     except KeyboardInterrupt:  # a Ctrl-C outside the handlers (for example while Python starts)
         print("interrupted by SIGINT", file=sys.stderr)
         return 130
     return 0
+
+
+# ---- several processes (torchrun) ----------------------------------------------------------------------
+
+def _in_process_group() -> bool:
+    dist = sys.modules.get("rlaux_fast.distributed")  # imported (with torch) only once a run starts
+    return dist is not None and dist.world_size() > 1
+
+
+def _leave_process_group() -> None:
+    if _in_process_group():
+        sys.modules["rlaux_fast.distributed"].cleanup()
+
+
+def _fail(message: str, code: int, error: BaseException | None = None) -> int:
+    """Report a failure and give its exit code. Under torchrun, an error before the processes joined
+    (a flag, a file) is the same on every process and rank 0 prints it; after they joined it may be one
+    process's own, so each prints it with its rank and leaves at once: no collective, no teardown that
+    could wait for a peer. torchrun then stops the others and exits non-zero."""
+    if not _in_process_group():
+        if is_main_process():
+            print(message, file=sys.stderr)
+        return code
+    dist = sys.modules["rlaux_fast.distributed"]
+    if error is not None:
+        dist.record_error(error)  # torchrun's failure summary then shows it
+    rank = dist.rank()
+    print("\n".join(f"[rank {rank}] {line}" for line in message.splitlines()), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

