@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -28,7 +29,7 @@ class Config:
     psi: int = knob(5, "auxiliary classes per primary class for datasets without fine labels (cifar10, svhn, folder --flat)")
     flat: bool = knob(False, "folder dataset: take the fine folders as the primary classes, with a uniform --psi")
     image_size: int = knob(32, "folder dataset: resize images to this size")
-    subset: int | None = knob(None, "use only the first N train and N//4 test examples (quick checks)")
+    subset: int | None = knob(None, "use a fixed random subset of at most N train and N test examples, the same for every --seed")
     loader: str = knob("auto", "data path: gpu (dataset resident on the device), dali, or a torch DataLoader", ("auto", "gpu", "dali", "torch"))
     last_batch: str = knob("drop", "what to do with the last partial training batch of an epoch", ("drop", "keep"))
     # Method
@@ -114,6 +115,10 @@ def resolve(cfg: Config) -> Config:
         (not cfg.cuda_graphs or cfg.compile, "--cuda-graphs needs --compile"),
         (cfg.subset is None or cfg.subset >= 1, "--subset must be at least 1"),
     ]
+    float32_max = 3.4e38  # a flag value must stay finite once it becomes a float32 tensor
+    checks += [(math.isfinite(getattr(cfg, f.name)) and abs(getattr(cfg, f.name)) < float32_max,
+                f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
+               for f in fields(cfg) if isinstance(getattr(cfg, f.name), float)]
     for ok, message in checks:
         if not ok:
             raise UserError(message)

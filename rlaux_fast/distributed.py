@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import json
 import os
+import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -170,14 +173,30 @@ def average_buffers(module: nn.Module) -> None:
 
 
 def record_error(error: BaseException) -> None:
-    """Write `error` where torchrun looks for a failed process's error (TORCHELASTIC_ERROR_FILE), so
-    that its failure summary names the process that failed first and shows its message."""
+    """Write `error` where torchrun looks for a failed process's error (TORCHELASTIC_ERROR_FILE), in
+    its format, so that its failure summary names the process that failed first and shows the message.
+    Written to a temporary file and renamed: torchrun may kill a second failing process mid-write, and
+    a half-written file would crash its summary."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": f"{type(error).__name__}: {error}",
+                        "extraInfo": {"py_callstack": "".join(traceback.format_exception(error)),
+                                      "timestamp": str(int(time.time()))}}}
     try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(error)
-    except Exception:  # the summary is a convenience: never let it hide the error itself
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:  # the summary is a convenience: never let it hide the error itself
         pass
+
+
+def peer_failed(error: BaseException) -> bool:
+    """Whether `error` is this process noticing that another one died (its collective lost the
+    connection), not a failure of its own."""
+    text = str(error)
+    return isinstance(error, getattr(dist, "DistNetworkError", ())) or "remote worker" in text or "by peer" in text
 
 
 def all_gather_object(obj) -> list:

@@ -275,7 +275,7 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
     writer = open_tensorboard(run_dir) if cfg.tensorboard and is_main_process() else None
 
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, psi=cfg.psi, download=cfg.download, flat=cfg.flat,
-                        image_size=cfg.image_size, seed=cfg.seed, limit=cfg.subset)
+                        image_size=cfg.image_size, seed=0, limit=cfg.subset)  # one subset for every --seed: runs compare on the same images
     show_progress = cfg.progress and is_main_process()
     progress = (lambda it, **kw: tqdm(it, leave=False, dynamic_ncols=True, **kw)) if show_progress else None
     trainer = Trainer(cfg, data, device, progress=progress)
@@ -329,7 +329,9 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
             where = (f"the checkpoint of epoch {done} in {ckpt_path} is intact; resume with: {resume_command(run_dir)}")
         else:
             where = "no epoch had finished, so there is no checkpoint: run the same command again"
-        raise Interrupted(e.signum, f"interrupted by {name} during epoch {epoch + 1}: {where}") from None
+        # A signal that arrived while the checkpoint was written is handled once it is complete.
+        when = f"during epoch {epoch + 1}" if done <= epoch else f"after epoch {done}"
+        raise Interrupted(e.signum, f"interrupted by {name} {when}: {where}") from None
     except NonFiniteError as e:
         kept = f"{ckpt_path}, epoch {done}" if done else "none yet: no epoch had finished"
         raise NonFiniteError(f"{e} ({kept})") from None
@@ -399,9 +401,16 @@ def _fail(message: str, code: int, error: BaseException | None = None) -> int:
             print(message, file=sys.stderr)
         return code
     dist = sys.modules["rlaux_fast.distributed"]
+    rank = dist.rank()
+    if error is not None and dist.peer_failed(error):
+        # Only a consequence of another process's failure: say so, and give torchrun time to see that
+        # process exit first (it then stops this one), so that its summary names the real cause.
+        print(f"[rank {rank}] stopping: another process failed (its error is shown above or below)", file=sys.stderr)
+        sys.stderr.flush()
+        time.sleep(10)
+        os._exit(code)
     if error is not None:
         dist.record_error(error)  # torchrun's failure summary then shows it
-    rank = dist.rank()
     print("\n".join(f"[rank {rank}] {line}" for line in message.splitlines()), file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
