@@ -293,6 +293,17 @@ def test_folder_dataset_nested_hierarchy(cifar10_folder):
     assert all(0 < m < 1 for m in ds.mean) and all(0 < s < 1 for s in ds.std)
 
 
+def test_folder_dataset_limit_decodes_only_the_subset(cifar10_folder):
+    full = load_dataset("folder", cifar10_folder)
+    ds = load_dataset("folder", cifar10_folder, limit=12, seed=3)
+    assert ds.hierarchy.psi == (6, 4) and len(ds.train) == 12 and len(ds.test) == 12
+    assert ds.train.images.shape == (12, 3, 32, 32)
+    again = load_dataset("folder", cifar10_folder, limit=12, seed=3)
+    assert again.train.files == ds.train.files  # a fixed subset
+    for f, image in zip(ds.train.files, ds.train.images):
+        assert torch.equal(image, full.train.images[full.train.files.index(f)])
+
+
 def test_folder_dataset_flat(cifar10_folder):
     ds = load_dataset("folder", cifar10_folder, flat=True, psi=3)
     assert ds.hierarchy.psi == (3,) * 10 and ds.fine_to_aux is None and ds.train.fine is None

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from rlaux_fast.data import Hierarchy, load_dataset
+from rlaux_fast.config import parse_config
+from rlaux_fast.data import Hierarchy
 from rlaux_fast.train import main
 
 SMALL = ["--width", "0.125", "--batch-size", "50", "--no-progress", "--ppo-steps", "4", "--ppo-epochs", "2"]
@@ -55,3 +56,15 @@ def test_rlaux_weights_learns_the_digits(tmp_path):
                   "--batch-size", "100")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_test_acc"] > 0.5
+
+
+@pytest.mark.parametrize("preset, flags, expected", [
+    ("paper", [], ("vgg16", "random", False)),
+    ("fast", [], ("shared", "next", True)),
+    ("fast", ["--policy-backbone", "vgg16"], ("vgg16", "next", True)),
+    ("fast", ["--no-single-pass", "--reward-batch", "random"], ("shared", "random", False)),
+    ("paper", ["--single-pass"], ("vgg16", "random", True)),
+])
+def test_explicit_flags_override_the_preset(preset, flags, expected):
+    cfg = parse_config(["--preset", preset, *flags])
+    assert (cfg.policy_backbone, cfg.reward_batch, cfg.single_pass) == expected

@@ -119,7 +119,8 @@ def _limit(split: Split, limit: int | None, seed: int) -> Split:
     keep = torch.randperm(len(split), generator=_generator(seed))[:limit].sort().values
     files = [split.files[i] for i in keep.tolist()] if split.files is not None else None
     fine = split.fine[keep] if split.fine is not None else None
-    return Split(split.images[keep], split.primary[keep], fine, files)
+    images = split.images[keep] if len(split.images) else split.images  # folders decode after the cut
+    return Split(images, split.primary[keep], fine, files)
 
 
 def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
