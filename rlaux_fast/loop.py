@@ -45,10 +45,15 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
             raise UserError("--optimizer apex-sgd needs NVIDIA apex, which is not installed: use --optimizer sgd") from None
         return FusedSGD(params, **kwargs)
     params = list(params)
-    try:  # the fused kernel is ~2.7x faster per step on CPU and faster on CUDA; older builds lack it
-        return torch.optim.SGD(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.SGD(params, foreach=True, **kwargs)
+    # Not fused under fp16's GradScaler: when the scaler skips the first step (inf gradients, as it
+    # often does at its initial scale), fused SGD leaves its momentum buffers uninitialised
+    # (torch.empty_like) and the next step reads garbage (seen with torch 2.14).
+    if cfg.amp != "fp16":
+        try:  # the fused kernel is ~2.7x faster per step on CPU and faster on CUDA; older builds lack it
+            return torch.optim.SGD(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.SGD(params, foreach=True, **kwargs)
 
 
 def label_entropy(counts: torch.Tensor) -> torch.Tensor:

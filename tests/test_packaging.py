@@ -3,6 +3,7 @@
 The editable install the tests run under maps the folders in place; this builds the wheel a user gets
 from `pip install .`, installs it into a folder of its own and imports from there."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,9 +14,16 @@ KERNEL_FILES = {p.name for p in (ROOT / "kernels").glob("*.py")}
 
 
 def test_wheel_install_imports_the_kernels_and_has_the_console_script(tmp_path):
+    # Built from a copy of the sources, so that no build/ folder is left in (or reused from) the checkout.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("rlaux_fast", "kernels"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     # --no-build-isolation: setuptools and wheel come with the dev extra, so no network is needed.
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
                    check=True, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("rlaux_fast-*.whl")
     with zipfile.ZipFile(wheel) as z:

@@ -47,6 +47,18 @@ def test_amp_and_channels_last_reach_the_agent(digits):
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in diagnostics.values())
 
 
+@pytest.mark.parametrize("method", ["human", "rlaux-weights"])
+def test_fp16_survives_a_first_step_that_the_grad_scaler_skips(digits, method):
+    """At its initial scale the GradScaler finds inf gradients and skips the first step; the next
+    steps must still train (fused SGD left its momentum uninitialised there and the loss went NaN)."""
+    trainer = make_trainer(digits, method=method, amp="fp16", preset="fast")
+    stats = trainer.run_phase(trainer.train_model, trainer.optimizer, 0, phase="main", learn=method != "human",
+                              deterministic=method == "human")
+    assert trainer.scaler.get_scale() < 2.0**16  # a step was skipped ...
+    assert int(stats.first_bad_step) == -1       # ... and no loss after it went non-finite
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 class HostReads:
     """Counts Python-level reads of tensor values on the host (.item(), bool(), float(), int(),
     .tolist(), .numpy()): each one is a device sync on CUDA."""
