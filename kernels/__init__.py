@@ -20,17 +20,24 @@ from .reference import (FocalLoss, PPOLoss, multihead_log_softmax, multihead_log
 
 try:  # the fused ops need triton; without it everything runs on the reference
     from . import focal as _focal, gae as _gae, ppo as _ppo
+    from ._common import INTERPRET as _INTERPRET
     HAS_TRITON = True
     _TRITON_IMPORT_ERROR = None
 except ImportError as error:  # pragma: no cover - depends on the install
     HAS_TRITON = False
     _TRITON_IMPORT_ERROR = error
+    _INTERPRET = False
 
 BACKENDS = ("auto", "triton", "torch")
 
 __all__ = ["multihead_focal_loss", "gae", "ppo_clip_loss", "FocalLoss", "PPOLoss",
            "soft_block_targets", "multihead_log_softmax", "multihead_logprob_entropy",
-           "reference", "HAS_TRITON", "BACKENDS"]
+           "reference", "HAS_TRITON", "BACKENDS", "triton_runs_on"]
+
+
+def triton_runs_on(device) -> bool:
+    """Whether the fused Triton ops can launch on `device`: CUDA, or the CPU under TRITON_INTERPRET=1."""
+    return HAS_TRITON and (torch.device(device).type == "cuda" or _INTERPRET)
 
 
 def _use_triton(backend, tensor: torch.Tensor) -> bool:

@@ -97,6 +97,9 @@ class Trainer:
         self.fine_to_aux = data.fine_to_aux.to(device) if data.fine_to_aux is not None else None
         # Row c: the auxiliary classes of primary class c; a batch's mask is one gather, on the device.
         self.block_masks = h.block_mask(torch.arange(h.num_primary)).to(device)
+        if cfg.kernels == "triton" and not kernels.triton_runs_on(device):
+            raise UserError(f"--kernels triton needs triton and a CUDA device, not {device.type} (the CPU only under "
+                            "TRITON_INTERPRET=1): use --kernels auto or torch")
         if len(data.train.primary) < cfg.batch_size:
             raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train.primary)} training examples: lower --batch-size")
 

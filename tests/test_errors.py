@@ -124,11 +124,15 @@ CASES = [
     ("--resume with another --out", lambda t: ["--resume", run_folder(t / "run"), "--out", t / "other"],
      "conflicts with --resume"),
     ("--resume before any checkpoint", lambda t: ["--resume", run_folder(t / "run")], "no checkpoint at"),
+    ("--kernels triton without a GPU", lambda t: ["--kernels", "triton"], "--kernels triton needs triton and a CUDA device"),
     ("checkpoint that runs a command", checkpoint_runs_a_command, "refusing to load"),
     ("truncated checkpoint", truncated_checkpoint, "unreadable or truncated"),
 ]
+# Environment changes of a case (the tests run the kernels in Triton's interpreter; this case must not).
+ENV = {"--kernels triton without a GPU": {"TRITON_INTERPRET": "0"}}
 SKIP = {
     "cuda without a GPU": torch.cuda.is_available(),
+    "--kernels triton without a GPU": torch.cuda.is_available(),
     "--tensorboard without tensorboard": importlib.util.find_spec("tensorboard") is not None,
 }
 
@@ -141,7 +145,7 @@ def outcomes(tmp_path_factory):
         tmp = tmp_path_factory.mktemp("case")
         argv = [*SMALL, *map(str, setup(tmp))]
         proc = subprocess.run([sys.executable, "-m", "rlaux_fast.train", *argv], capture_output=True, text=True,
-                              timeout=300, cwd=tmp)
+                              timeout=300, cwd=tmp, env={**os.environ, **ENV.get(name, {})})
         return name, (proc, tmp)
 
     with ThreadPoolExecutor(4) as pool:
