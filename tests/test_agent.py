@@ -69,3 +69,29 @@ def test_ppo_update_moves_the_policy_towards_rewarded_actions():
     assert prob_of_zero() > before + 0.1
     assert set(diag) >= {"policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "explained_variance"}
     assert all(torch.isfinite(v) for v in diag.values())
+
+
+def test_a_batchnorm_policy_learns_from_whole_acting_batches_so_the_first_ratio_is_one():
+    """BatchNorm normalises an example with its batch: PPO must evaluate the ratio on the batches the
+    agent acted on, or it moves (and clips) before any update."""
+    torch.manual_seed(0)
+    policy = Policy("vgg16", 4, WEIGHT_BINS, width=0.0625)
+    for head in policy.action_heads:  # an agent whose choices depend on the image, as after training
+        torch.nn.init.normal_(head.weight, std=1.0)
+    agent = PPO(policy, PPOSettings(epochs=1, minibatch=8, lr=1e-12))  # lr ~ 0: the ratio must stay 1
+    assert agent.whole_batches and not make_agent().whole_batches
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    steps = []
+    for _ in range(4):
+        step = agent.act(torch.randn(8, 3, 32, 32), mask, False)
+        step.reward = torch.rand(())
+        steps.append(step)
+    minibatches = agent.minibatches(4, 8, "cpu")
+    assert sorted(tuple(sorted(set((i // 8).tolist()))) for i in minibatches) == [(0,), (1,), (2,), (3,)]
+    diag = agent.update(steps, torch.zeros(8), True)
+    assert diag["approx_kl"].abs() < 1e-6 and diag["clip_fraction"] == 0
+
+    # The same rollout in minibatches of examples drawn across batches: the ratio moves at once.
+    agent.whole_batches = False
+    diag = agent.update(steps, torch.zeros(8), True)
+    assert diag["clip_fraction"] > 0.1
