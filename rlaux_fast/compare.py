@@ -188,7 +188,7 @@ def compare(argv: list[str], log=print) -> Path:
     path = write_results(out, results, command, next(iter(runs.values())), args.seeds)
     plot_accuracy(out, results, args.dataset)
     for method, r in results.items():
-        log(f"{method:>14}: final test acc {pct(*mean_std(r['final_test_acc']))}% over {len(r['final_test_acc'])} seeds")
+        log(f"{method:>14}: final test acc {pct(*mean_std(r['final_test_acc']))}% over {len(r['final_test_acc'])} seed{'s' if len(r['final_test_acc']) != 1 else ''}")
     log(f"results: {path}")
     return path
 

@@ -187,7 +187,8 @@ def format_epoch(record: dict, epochs: int) -> str:
              f"test acc {100 * record['test_acc']:.2f}%"]
     if "reward" in record:
         parts.append(f"reward {record['reward']:.4f}")
-    parts.append(f"aux entropy {record['aux_label_entropy']:.3f}")
+    if record["train_aux_loss"] or "reward" in record:  # single trains no auxiliary task
+        parts.append(f"aux entropy {record['aux_label_entropy']:.3f}")
     if "ppo_approx_kl" in record:
         parts.append(f"kl {record['ppo_approx_kl']:.4f} clip {record['ppo_clip_fraction']:.3f}")
     parts.append(f"{record['images_per_s']:.0f} img/s ({record['epoch_seconds']:.1f} s)")

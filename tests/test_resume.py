@@ -274,3 +274,14 @@ def test_sigterm_before_the_first_checkpoint_exits_143(tmp_path):
     assert "Traceback" not in err and err.count("\n") == 1
     assert "interrupted by SIGTERM during epoch 1: no epoch had finished" in err
     assert not (run_dir / checkpoint.CHECKPOINT).exists()
+
+
+def test_run_files_get_the_users_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        checkpoint.atomic_write_text(tmp_path / "summary.json", "{}")
+        checkpoint.atomic_save({"w": torch.ones(2)}, tmp_path / "checkpoint.pt")
+    finally:
+        os.umask(umask)
+    for name in ("summary.json", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
