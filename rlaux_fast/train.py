@@ -262,7 +262,7 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
     if not is_main_process():
         log = lambda *args, **kwargs: None  # noqa: E731
     device = distributed.init(resolve_device(cfg.device))  # joins torchrun's processes, if any
-    state = None
+    state, created = None, False
     if cfg.resume:
         if is_main_process():
             checkpoint.remove_stale_temps(run_dir)
@@ -276,14 +276,20 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
     else:
         run_dir = Path(cfg.out) if cfg.out else default_out(cfg)
         if is_main_process():
+            created = not run_dir.exists()
             prepare_run_dir(run_dir)
-    writer = open_tensorboard(run_dir) if cfg.tensorboard and is_main_process() else None
-
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, psi=cfg.psi, download=cfg.download, flat=cfg.flat,
-                        image_size=cfg.image_size, seed=0, limit=cfg.subset)  # one subset for every --seed: runs compare on the same images
     show_progress = cfg.progress and is_main_process()
     progress = (lambda it, **kw: tqdm(it, leave=False, dynamic_ncols=True, disable=None, **kw)) if show_progress else None
-    trainer = Trainer(cfg, data, device, progress=progress)
+    try:
+        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, psi=cfg.psi, download=cfg.download, flat=cfg.flat,
+                            image_size=cfg.image_size, seed=0, limit=cfg.subset)  # one subset for every --seed: runs compare on the same images
+        trainer = Trainer(cfg, data, device, progress=progress)
+    except UserError:
+        if created:  # bad data or settings: leave no empty run folder behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+    writer = open_tensorboard(run_dir) if cfg.tensorboard and is_main_process() else None
     usage_meta = describe_hierarchy(data)
     history: list[dict] = []
     wall_before, done = 0.0, 0

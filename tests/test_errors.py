@@ -171,3 +171,10 @@ def test_non_finite_loss_before_any_checkpoint_says_there_is_none(outcomes):
     proc, tmp = outcomes["non-finite loss (huge lr)"]
     assert "none yet: no epoch had finished" in proc.stderr
     assert not (tmp / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["missing dataset files", "batch larger than the dataset", "hierarchy that does not fit the labels"])
+def test_a_run_refused_for_its_data_or_settings_leaves_no_run_folder(outcomes, name):
+    proc, tmp = outcomes[name]
+    assert proc.returncode == 2
+    assert not list((tmp / "runs").glob("*")), "an empty run folder was left behind"
