@@ -292,7 +292,7 @@ def make_report(run_dir: Path, out: Path | None = None, tensorboard: bool = Fals
     plot_curves(records, out / "curves.png")
     if plot_agent(records, out / "agent.png"):
         figures.append("agent.png")
-    if usage and usage.get("fine_by_aux"):
+    if usage and usage.get("fine_by_aux") and config.get("method") != "single":  # single has no auxiliary labels
         plot_usage(usage, out / "usage.png")
         figures.append("usage.png")
     if usage and usage.get("weight_bins"):

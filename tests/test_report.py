@@ -83,7 +83,7 @@ def test_report_of_a_run_without_agent_or_fine_labels(tmp_path):
     (run / "usage.json").write_text(json.dumps({"fine_by_aux": [[10, 0, 12, 0]], "weight_bins": None, "psi": PSI}))
     out = tmp_path / "elsewhere"
     assert main([str(run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.md", "usage.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.md"]  # no usage heatmap without an auxiliary task
     assert "trains no auxiliary task" in (out / "report.md").read_text()
 
 
