@@ -275,7 +275,8 @@ def make_report(run_dir: Path, out: Path | None = None, tensorboard: bool = Fals
         raise UserError(f"cannot write to {out} ({e.strerror}): pass a writable --out") from None
     config = read_json(run_dir / "config.json")
     records = read_metrics(run_dir)
-    usage = read_json(run_dir / "usage.json", required=False)
+    # single trains no auxiliary task: its usage (every label the block's first class) means nothing.
+    usage = read_json(run_dir / "usage.json", required=False) if config.get("method") != "single" else None
     summary = read_json(run_dir / "summary.json", required=False)
     if summary and summary.get("epochs") != len(records):
         summary = None  # a summary from before a resume that has not finished yet
@@ -292,7 +293,7 @@ def make_report(run_dir: Path, out: Path | None = None, tensorboard: bool = Fals
     plot_curves(records, out / "curves.png")
     if plot_agent(records, out / "agent.png"):
         figures.append("agent.png")
-    if usage and usage.get("fine_by_aux") and config.get("method") != "single":  # single has no auxiliary labels
+    if usage and usage.get("fine_by_aux"):
         plot_usage(usage, out / "usage.png")
         figures.append("usage.png")
     if usage and usage.get("weight_bins"):
@@ -300,7 +301,7 @@ def make_report(run_dir: Path, out: Path | None = None, tensorboard: bool = Fals
         figures.append("weights.png")
     nmi = usage_summary(usage)
     write_markdown(run_dir, out, config, records, summary, nmi, figures)
-    return {**nmi, "figures": figures, "method": config.get("method")}
+    return {**nmi, "figures": figures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     out = Path(args.out) if args.out else Path(args.run_dir)
     nmi = (f" | within-class NMI vs fine labels {result['nmi_within_class']:.3f}"
-           if result["nmi_within_class"] is not None and result["method"] != "single" else "")
+           if result["nmi_within_class"] is not None else "")
     print(f"report: {out / 'report.md'} with {', '.join(result['figures'])}{nmi}")
     return 0
 
