@@ -125,7 +125,8 @@ class Trainer:
         self.agent = None
         if cfg.uses_agent:
             policy = Policy(cfg.policy_backbone, h.num_aux, WEIGHT_BINS if cfg.method == "rlaux-weights" else 0,
-                            in_features=self.model.feature_dim, width=cfg.width).to(device, memory_format=self.memory_format)
+                            in_features=self.model.feature_dim, width=cfg.width,
+                            weight_init=cfg.weight_init).to(device, memory_format=self.memory_format)
             distributed.broadcast_module(policy)
             # Each process acts on its own examples, so it samples with its own noise; the minibatch
             # and the reward batch are split over the processes like the training batch.

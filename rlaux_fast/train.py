@@ -133,6 +133,8 @@ def read_run_config(run_dir: Path) -> Config:
         raise UserError(f"--resume {run_dir}: config.json does not hold a configuration: start a new run")
     if not takes_psi(saved.get("dataset", "mnist5k"), saved.get("flat", False)):
         saved["psi"] = None  # runs made before ψ became optional recorded the unused default, 5
+    if saved.get("method", "rlaux-weights") == "rlaux-weights":
+        saved.setdefault("weight_init", "uniform")  # runs made before --weight-init started uniform
     return resolve(Config(**{k: v for k, v in saved.items() if k in names}))
 
 

@@ -11,6 +11,24 @@ def test_weight_bins_span_one_eighth_to_32():
     assert torch.all(factors[1:] > factors[:-1])
 
 
+def starting_weight_distribution(weight_init):
+    torch.manual_seed(0)
+    policy = Policy("shared", 4, WEIGHT_BINS, in_features=16, weight_init=weight_init)
+    logits, _ = policy(torch.randn(256, 16))
+    return torch.softmax(logits[:, 4:], dim=1).mean(0).detach()
+
+
+def test_the_weight_head_starts_uniform_or_around_factor_one():
+    uniform = starting_weight_distribution("uniform")
+    assert torch.allclose(uniform, torch.full((WEIGHT_BINS,), 1 / WEIGHT_BINS), atol=2e-3)
+    mean_factor = (uniform * weight_factor(torch.arange(WEIGHT_BINS))).sum()
+    assert torch.allclose(mean_factor, weight_factor(torch.arange(WEIGHT_BINS)).mean(), atol=0.05)  # 6.27
+    unit = starting_weight_distribution("unit")
+    assert set(unit.topk(2).indices.tolist()) == {7, 8}  # factors 0.87 and 1.15, either side of 2^0
+    assert unit[3:13].sum() > 0.95  # factors 0.44 to 2.3
+    assert 1.0 < (unit * weight_factor(torch.arange(WEIGHT_BINS))).sum() < 1.3
+
+
 def block_mask(primary, block_start, block_size, num_aux):
     cols = torch.arange(num_aux)[None]
     start = block_start[primary][:, None]

@@ -58,6 +58,11 @@ def test_finished_runs_are_not_redone_and_unfinished_ones_resume(compared, capsy
     printed = capsys.readouterr().out
     assert "resuming after epoch 1" in printed and "epoch 2/2" in printed and "epoch 1/2" not in printed
     assert checkpoint.load(out / "single-seed0" / checkpoint.CHECKPOINT)["epoch"] == 2
+    # The table's steadier column: the mean over the run's last epochs (both of its two, here).
+    curve = [r["test_acc"] for r in report.read_metrics(out / "single-seed0")]
+    assert len(curve) == 2
+    md = (out / "results.md").read_text()
+    assert f"| single | {pct(curve[-1], None)} | {pct(sum(curve) / 2, None)} |" in md and "last 2 epochs" in md
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -285,3 +285,20 @@ def test_run_files_get_the_users_usual_permissions(tmp_path):
         os.umask(umask)
     for name in ("summary.json", "checkpoint.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_run_folder_from_before_weight_init_resumes_as_it_started(tmp_path):
+    """Run folders made before --weight-init started the weight head uniform, whatever their preset."""
+    from rlaux_fast.train import read_run_config
+    run_dir = tmp_path / "run"
+    assert cli("--preset", "fast", "--epochs", "1", "--out", run_dir) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config.pop("weight_init") == "unit"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert read_run_config(run_dir).weight_init == "uniform"
+    assert main(["--resume", str(run_dir), "--epochs", "2", "--no-progress"]) == 0
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    # Other methods have no weight head: their old folders take the preset's value and still match it.
+    config.update(method="single")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert read_run_config(run_dir).weight_init == "unit"

@@ -7,6 +7,7 @@ from torch import nn
 from ..models import vgg16_trunk
 
 WEIGHT_BINS = 21  # weight-aware RL-AUX: bin b in 0..20 scales the auxiliary loss by 2^(8b/20 - 3)
+UNIT_INIT_SPREAD = 2.0  # --weight-init unit: std (in bins) of the starting distribution around factor 1
 
 
 def weight_factor(bins: torch.Tensor, num_bins: int = WEIGHT_BINS) -> torch.Tensor:
@@ -20,10 +21,12 @@ class Policy(nn.Module):
 
     backbone "vgg16" (the paper's): its own VGG16 over the image, then a 256-wide feature layer.
     backbone "shared": the primary network's detached features, then the same 256-wide layer.
+    weight_init "uniform" starts the weight head uniform over its bins; "unit" starts it as a discretised
+    normal around factor 1 (2^0, between bins 7 and 8 of 21), UNIT_INIT_SPREAD bins wide.
     """
 
     def __init__(self, backbone: str, num_aux: int, weight_bins: int = 0, in_features: int | None = None,
-                 width: float = 1.0, hidden: int = 256):
+                 width: float = 1.0, hidden: int = 256, weight_init: str = "uniform"):
         super().__init__()
         if backbone == "vgg16":
             self.backbone, in_features = vgg16_trunk(width)
@@ -41,6 +44,13 @@ class Policy(nn.Module):
         for head in self.action_heads:
             nn.init.orthogonal_(head.weight, gain=0.01)
             nn.init.zeros_(head.bias)
+        if weight_bins and weight_init == "unit":
+            bins = torch.arange(weight_bins, dtype=torch.float32)
+            centre = 3 / 8 * (weight_bins - 1)  # 2^(8w - 3) = 1 at w = 3/8
+            with torch.no_grad():
+                self.action_heads[1].bias.copy_(-(bins - centre) ** 2 / (2 * UNIT_INIT_SPREAD ** 2))
+        elif weight_init not in ("uniform", "unit"):
+            raise ValueError(f"unknown weight_init {weight_init!r}")
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.feature(self.backbone(obs))
