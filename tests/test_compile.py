@@ -123,3 +123,10 @@ def test_compiled_ppo_update_matches_eager():
 def test_cuda_graphs_need_a_gpu(tmp_path, capsys):
     assert main([*SMALL, "--compile", "--cuda-graphs", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
     assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_presets_weight_start_reaches_the_agent(digits):
+    paper = make_trainer(digits, method="rlaux-weights", preset="paper").agent.policy.action_heads[1].bias
+    assert torch.all(paper == 0)  # uniform over the bins
+    fast = make_trainer(digits, method="rlaux-weights", preset="fast").agent.policy.action_heads[1].bias
+    assert set(fast.topk(2).indices.tolist()) == {7, 8}  # around factor 1
