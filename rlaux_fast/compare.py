@@ -7,8 +7,8 @@ Each combination trains in OUT/<method>-seed<k> (OUT defaults to runs/compare-<d
 has already finished its epochs is not redone, and an interrupted one resumes from its checkpoint, so
 running the same command again after an interruption finishes the job. Writes OUT/results.md (mean ±
 std of the final test accuracy and of each run's mean over its last 5 epochs, wall time and images/s
-per method), OUT/results.json and
-OUT/accuracy.png (the mean test-accuracy curve of each method, with a ±1 std band).
+per method), OUT/results.json and OUT/accuracy.png (the mean test-accuracy curve of each method, with
+a ±1 std band).
 """
 from __future__ import annotations
 

@@ -44,13 +44,13 @@ class Policy(nn.Module):
         for head in self.action_heads:
             nn.init.orthogonal_(head.weight, gain=0.01)
             nn.init.zeros_(head.bias)
+        if weight_init not in ("uniform", "unit"):
+            raise ValueError(f"unknown weight_init {weight_init!r}")
         if weight_bins and weight_init == "unit":
             bins = torch.arange(weight_bins, dtype=torch.float32)
             centre = 3 / 8 * (weight_bins - 1)  # 2^(8w - 3) = 1 at w = 3/8
             with torch.no_grad():
                 self.action_heads[1].bias.copy_(-(bins - centre) ** 2 / (2 * UNIT_INIT_SPREAD ** 2))
-        elif weight_init not in ("uniform", "unit"):
-            raise ValueError(f"unknown weight_init {weight_init!r}")
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.feature(self.backbone(obs))
