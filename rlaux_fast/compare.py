@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -90,14 +89,6 @@ def pct(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
 
 
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
 def tabulate(runs: dict[tuple[str, int], Config], methods: list[str]) -> dict:
     results = {}
     for method in methods:
@@ -110,6 +101,7 @@ def tabulate(runs: dict[tuple[str, int], Config], methods: list[str]) -> dict:
             "best_test_acc": [s["best_test_acc"] for s in summaries],
             "wall_seconds": [s["wall_seconds"] for s in summaries],
             "images_per_s": [s["images_per_s"] for s in summaries],
+            "machines": [s.get("machine", "not recorded") for s in summaries],  # older summaries lack it
             "curves": curves,
         }
     return results
@@ -117,15 +109,20 @@ def tabulate(runs: dict[tuple[str, int], Config], methods: list[str]) -> dict:
 
 def write_results(out: Path, results: dict, command: str, cfg: Config, seeds: int) -> Path:
     last = min(LAST_EPOCHS, cfg.epochs)
-    settings = (f"width {cfg.width}, batch {cfg.batch_size}, preset {cfg.preset}, lr {cfg.lr}, "
-                f"subset {cfg.subset or 'none (all data)'}, amp {cfg.amp}, compile {cfg.compile}")
-    lines = [f"# Method comparison on {cfg.dataset}", "",
+    settings = (f"width {cfg.width}, batch {cfg.batch_size}, lr {cfg.lr}, subset {cfg.subset or 'none (all data)'}, "
+                f"amp {cfg.amp}, compile {cfg.compile}; preset {cfg.preset}, resolved: policy backbone "
+                f"{cfg.policy_backbone}, reward batch {cfg.reward_batch}, single pass {cfg.single_pass}, "
+                f"weight init {cfg.weight_init}")
+    machines = sorted({m for r in results.values() for m in r["machines"]})
+    dataset = f"{cfg.dataset} ({cfg.data_dir})" if cfg.dataset == "folder" else cfg.dataset
+    lines = [f"# Method comparison on {dataset}", "",
              f"- Command: `{command}`",
-             f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}",
+             f"- Tabulated {time.strftime('%Y-%m-%d')}; the runs were trained on: {'; '.join(machines)}",
              f"- {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, seeds 0..{seeds - 1} ({seeds} per method); {settings}",
              "- Test accuracy of the final model (mean ± sample std over seeds), and each run's mean over its "
              f"last {last} epochs (steadier where accuracy swings between epochs); the best epoch is shown for "
-             "reference only, the test set picks nothing. Wall time is per run.", "",
+             "reference only, the test set picks nothing. Wall time is per run; runs trained at other times or side by "
+             "side compare only roughly.", "",
              f"| method | final test acc (%) | last {last} epochs (%) | best test acc (%) | per seed, final (%) | wall time (s) | images/s |",
              "|---|---|---|---|---|---|---|"]
     for method, r in results.items():

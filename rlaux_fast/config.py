@@ -34,7 +34,8 @@ class Config:
     last_batch: str = knob("drop", "what to do with the last partial training batch of an epoch", ("drop", "keep"))
     # Method
     method: str = knob("rlaux-weights", "auxiliary task: none (single), human fine labels, random, or chosen by the agent", METHODS)
-    preset: str = knob("paper", "paper: VGG16 policy, random reward batch, two phases; fast: shared features, next-batch reward, single pass", ("paper", "fast"))
+    preset: str = knob("paper", "paper: VGG16 policy, random reward batch, two phases, uniform weight start; "
+                       "fast: shared features, next-batch reward, single pass, unit weight start", ("paper", "fast"))
     aux_target: str = knob("soft", "auxiliary target: soft (the paper's block softmax of the choice) or hard one-hot", ("soft", "hard"))
     aux_weight: float = knob(1.0, "auxiliary loss weight for human, random and rlaux")
     focal_gamma: float = knob(2.0, "focal loss gamma for both heads")
@@ -93,8 +94,8 @@ class Config:
 
 PRESETS = {
     "paper": dict(policy_backbone="vgg16", reward_batch="random", single_pass=False, weight_init="uniform"),
-    # A single pass trains the network itself on the agent's exploration, so that must start harmless:
-    # uniform bins weigh the auxiliary loss 6.27x on average (the cost on mnist5k is in the README).
+    # Started uniform, the weight head's samples (what a single pass trains the kept network on) weigh
+    # the auxiliary loss 6.27x on average; the cost on mnist5k is in the README.
     "fast": dict(policy_backbone="shared", reward_batch="next", single_pass=True, weight_init="unit"),
 }
 

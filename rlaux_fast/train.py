@@ -227,10 +227,21 @@ def describe_hierarchy(data) -> dict:
     return meta
 
 
-def summarize(history: list[dict], wall: float) -> dict:
+def describe_machine(device) -> str:
+    """What ran the training: the GPU, or the CPU and its torch threads, and the torch version."""
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"CPU, {os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
+
+
+def summarize(history: list[dict], wall: float, machine: str) -> dict:
     images = sum(r["images_per_s"] * r["epoch_seconds"] for r in history)
     return {"final_test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
-            "epochs": len(history), "wall_seconds": wall, "images_per_s": images / max(wall, 1e-9)}
+            "epochs": len(history), "wall_seconds": wall, "images_per_s": images / max(wall, 1e-9),
+            "machine": machine}
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -358,7 +369,7 @@ def _run(cfg: Config, log, stop: StopOnSignal) -> dict:
     wall = wall_before + time.perf_counter() - start
     if not history:
         raise UserError(f"{run_dir} has no finished epoch to summarise")
-    summary = summarize(history, wall)
+    summary = summarize(history, wall, describe_machine(device))
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"done: final test acc {100 * summary['final_test_acc']:.2f}% (best {100 * summary['best_test_acc']:.2f}%, "
         f"reported only; the final model is kept) | {wall:.1f} s | results in {run_dir}")

@@ -32,6 +32,9 @@ def test_every_combination_runs_into_its_folder_and_the_table_has_every_method(c
         assert json.loads((out / name / "config.json").read_text())["seed"] == int(name[-1])
     md = (out / "results.md").read_text()
     assert "python -m rlaux_fast.compare " + " ".join(argv) in md
+    machine = json.loads((out / "single-seed0" / "summary.json").read_text())["machine"]
+    assert machine.startswith("CPU, ") and "torch thread" in machine  # what trained it, not what tabulated
+    assert f"the runs were trained on: {machine}" in md and "single pass False, weight init uniform" in md
     rows = [line for line in md.splitlines() if line.startswith("| single") or line.startswith("| human")]
     assert len(rows) == 2 and all("±" in row for row in rows)
     results = json.loads((out / "results.json").read_text())["results"]
