@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import METHODS, Config, parse_config
+from .config import METHODS, PRESETS, Config, parse_config
 from .errors import UserError
 from .report import OneLineParser, read_json, read_metrics
 from .train import SIGNAL_NAMES, Interrupted, StopOnSignal, check_resumable, explicit_flags, read_run_config, run
@@ -110,9 +110,8 @@ def tabulate(runs: dict[tuple[str, int], Config], methods: list[str]) -> dict:
 def write_results(out: Path, results: dict, command: str, cfg: Config, seeds: int) -> Path:
     last = min(LAST_EPOCHS, cfg.epochs)
     settings = (f"width {cfg.width}, batch {cfg.batch_size}, lr {cfg.lr}, subset {cfg.subset or 'none (all data)'}, "
-                f"amp {cfg.amp}, compile {cfg.compile}; preset {cfg.preset}, resolved: policy backbone "
-                f"{cfg.policy_backbone}, reward batch {cfg.reward_batch}, single pass {cfg.single_pass}, "
-                f"weight init {cfg.weight_init}")
+                f"amp {cfg.amp}, compile {cfg.compile}; preset {cfg.preset}, resolved: "
+                + ", ".join(f"{name.replace('_', ' ')} {getattr(cfg, name)}" for name in PRESETS[cfg.preset]))
     machines = sorted({m for r in results.values() for m in r["machines"]})
     dataset = f"{cfg.dataset} ({cfg.data_dir})" if cfg.dataset == "folder" else cfg.dataset
     lines = [f"# Method comparison on {dataset}", "",

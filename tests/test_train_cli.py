@@ -50,7 +50,7 @@ def test_fast_preset_runs_single_pass(tmp_path):
 def test_rlaux_weights_learns_the_digits(tmp_path):
     """Chance is 20% (5 super-classes). The fast preset's agent starts its auxiliary weights around 1
     (--weight-init unit). This exact run (seeded, so deterministic on one platform) measured 55.5, 92.9,
-    86.3, 91.1, 73.0% over its 5 epochs: at this size accuracy swings by up to 20 points between epochs.
+    86.3, 91.1, 73.0% over its 5 epochs: at this size accuracy can drop 20 points in an epoch.
     The threshold of 50% is far above chance and leaves 23 points of margin for other platforms."""
     out = run_cli(tmp_path, "--method", "rlaux-weights", "--preset", "fast", "--epochs", "5", "--width", "0.25",
                   "--batch-size", "100")
